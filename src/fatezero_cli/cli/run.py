@@ -1,0 +1,106 @@
+"""`fatezero run`: invert (or reuse a matching cache) and edit, in one call."""
+
+from __future__ import annotations
+
+from fatezero_cli.cli import options as opt
+from fatezero_cli.cli.common import print_json
+from fatezero_cli.cli.edit import EditOptions, OutputOptions, edit_cache
+from fatezero_cli.cli.invert import invert_video
+
+EXAMPLE = """
+Example:
+
+  fatezero run swan.mp4 --src "a black swan" --edit "a white duck" --blend "black swan"
+
+The inversion is cached: editing the same video again skips it.
+"""
+
+
+def run_command(
+    video: opt.VideoArg,
+    src: opt.SourcePrompt,
+    edit: opt.EditPrompts = None,
+    model: opt.Model = "CompVis/stable-diffusion-v1-4",
+    size: opt.Size = 512,
+    crop: opt.Crop = "none",
+    frames: opt.Frames = "8",
+    stride: opt.Stride = 1,
+    start: opt.Start = 0,
+    steps: opt.Steps = 50,
+    key_frames: opt.KeyFramesOpt = "self,mid",
+    key_frame_min_channels: opt.KeyFrameMinChannels = 0,
+    capture: opt.Capture = 0.8,
+    capture_all_layers: opt.CaptureAllLayers = False,
+    guidance: opt.Guidance = 7.5,
+    cross_replace: opt.CrossReplace = 0.8,
+    cross_replace_word: opt.CrossReplaceWord = None,
+    self_replace: opt.SelfReplace = 0.6,
+    blend: opt.Blend = None,
+    tau: opt.Tau = 0.3,
+    reweight: opt.Reweight = None,
+    latent_blend: opt.LatentBlend = False,
+    fuse_all_layers: opt.FuseAllLayers = False,
+    output: opt.Output = None,
+    side_by_side: opt.SideBySide = False,
+    save_masks: opt.SaveMasks = False,
+    overwrite: opt.Overwrite = False,
+    cache_dir: opt.CacheDir = None,
+    device: opt.Device = None,
+    dtype: opt.Dtype = None,
+    attention: opt.AttentionKernel = "auto",
+    seed: opt.Seed = 0,
+    quiet: opt.Quiet = False,
+    json_: opt.Json = False,
+) -> None:
+    """Invert VIDEO (or reuse its cache) and edit it under each --edit prompt.
+
+    --capture is raised to what the edits need, and --fuse-all-layers turns on
+    --capture-all-layers, so one call always has what it fuses.
+    """
+    edit_options = EditOptions(
+        edit or [],
+        guidance,
+        cross_replace,
+        cross_replace_word,
+        self_replace,
+        blend,
+        tau,
+        reweight,
+        latent_blend,
+        fuse_all_layers,
+    )
+    all_settings = edit_options.settings()
+    capture = max([capture, *(s.needed_capture() for s in all_settings)])
+    bundle, inverted = invert_video(
+        video,
+        src,
+        model,
+        size,
+        crop,
+        frames,
+        stride,
+        start,
+        steps,
+        key_frames,
+        key_frame_min_channels,
+        capture,
+        capture_all_layers or fuse_all_layers,
+        cache_dir,
+        device,
+        dtype,
+        attention,
+        quiet,
+    )
+    written = edit_cache(
+        bundle,
+        inverted.cache,
+        all_settings,
+        OutputOptions(output, side_by_side, save_masks, overwrite, seed),
+        attention,
+        quiet,
+    )
+    if json_:
+        print_json({"inversion": inverted.summary(), "outputs": written})
+    else:
+        for entry in written:
+            print(entry["output"])
