@@ -413,3 +413,21 @@ def test_cache_commands(capsys, swan_cache):
         capsys, "cache", "rm", swan_cache.name, "--cache-dir", str(root), "--quiet"
     )
     assert code == 0 and not swan_cache.exists()
+
+
+def test_single_file_checkpoint_with_local_config(capsys, swan, tiny_model_dir, tmp_path):
+    """--model file.safetensors --model-config FOLDER; a later edit finds both in the cache."""
+    from fatezero_cli.testing import save_ldm_checkpoint
+
+    checkpoint = save_ldm_checkpoint(tiny_model_dir, tmp_path / "tiny.safetensors")
+    code, out, err = fatezero(
+        capsys, "invert", str(swan), "--src", SWAN_SRC, "--model", str(checkpoint),
+        "--model-config", str(tiny_model_dir), "--cache-dir", str(tmp_path / "c"), "--quiet",
+        "--size", "64", "--frames", "2", "--steps", "2",
+    )
+    assert code == 0, err
+    code, out, err = fatezero(
+        capsys, "edit", out.strip(), "--edit", SWAN_DUCK, "-o", str(tmp_path / "d.gif"), "--quiet"
+    )
+    assert code == 0, err
+    assert (tmp_path / "d.gif").is_file()

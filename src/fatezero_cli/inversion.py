@@ -70,7 +70,7 @@ class InversionResult:
 
 def model_key(identity: dict) -> dict:
     """The parts of a model's identity that change its outputs (not where it lies on disk)."""
-    return {k: v for k, v in identity.items() if k not in ("name", "path")}
+    return {k: v for k, v in identity.items() if k not in ("name", "config")}
 
 
 def cache_inputs(bundle: ModelBundle, clip: Clip, settings: InversionSettings) -> dict:

@@ -375,8 +375,8 @@ def model_identity(
 
     {"name", "kind": "hub", "revision"}: the cached snapshot's commit, which fixes the content.
     {"name", "kind": "folder"|"file", "sha256"} (+ "config_sha256" for a single file loaded with
-    a config folder): hashes of what loading reads. Cache keys must use revision/sha256; `name`
-    (repo id or absolute path) is only for people reading a cache listing.
+    a config folder, whose path is kept as "config"): hashes of what loading reads. Cache keys
+    must use revision/sha256; `name` and `config` (paths) say where to find it again.
     """
     kind = _model_kind(model)
     if kind == "hub":
@@ -390,6 +390,7 @@ def model_identity(
         identity = {"name": str(path), "kind": kind, "sha256": hasher.file(path)}
         if config:
             config_path = Path(config).expanduser().resolve()
+            identity["config"] = str(config_path)
             identity["config_sha256"] = hasher.folder(config_path, _config_files(config_path))
     hasher.save()
     return identity

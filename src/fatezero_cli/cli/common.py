@@ -21,13 +21,13 @@ from rich.progress import (
 
 from fatezero_cli.errors import FatezeroError
 
-stderr = Console(stderr=True, highlight=False)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def say(message: str, quiet: bool) -> None:
     """A status line on stderr, so stdout stays for results."""
     if not quiet:
-        stderr.print(message)
+        stderr.print(message, markup=False)
 
 
 def print_json(data: dict) -> None:

@@ -182,26 +182,30 @@ def open_cache(reference: str, cache_dir: Path | None):
     return Cache.open(resolve_cache(reference, cache_root(cache_dir)))
 
 
-def model_for_cache(cache, model: str | None, root: Path) -> str:
+def model_for_cache(
+    cache, model: str | None, model_config: Path | None, root: Path
+) -> tuple[str, Path | None]:
     """The cache's own model by default; another model is refused (DESIGN 4)."""
     from fatezero_cli.inversion import model_key
     from fatezero_cli.models import model_identity
 
     recorded = cache.manifest["model"]
     if model is None:
-        return recorded.get("path") or recorded["name"]
-    if model_key(model_identity(model, cache_root=root)) != model_key(recorded):
+        config = recorded.get("config")
+        return recorded["name"], Path(config) if config else model_config
+    if model_key(model_identity(model, root, model_config)) != model_key(recorded):
         raise FatezeroError(
             f"cache {cache.key} was inverted with model {recorded['name']}, not {model}; "
             "edit with that model or invert again"
         )
-    return model
+    return model, model_config
 
 
 def edit_command(
     cache: opt.CacheRef,
     edit: opt.EditPrompts = None,
     model: opt.OptionalModel = None,
+    model_config: opt.ModelConfig = None,
     guidance: opt.Guidance = 7.5,
     cross_replace: opt.CrossReplace = 0.8,
     cross_replace_word: opt.CrossReplaceWord = None,
@@ -245,7 +249,8 @@ def edit_command(
     all_settings = edit_options.settings()
     root = cache_root(cache_dir)
     opened = open_cache(cache, cache_dir)
-    bundle = load_bundle(model_for_cache(opened, model, root), device, dtype, root, quiet)
+    model_path, config = model_for_cache(opened, model, model_config, root)
+    bundle = load_bundle(model_path, config, device, dtype, root, quiet)
     written = edit_cache(
         bundle,
         opened,

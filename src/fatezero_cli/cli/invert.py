@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from fatezero_cli.cli import options as opt
@@ -32,62 +33,87 @@ def read_video(video: Path, size: int, crop: str, frames: str, stride: int, star
     return read_clip(video, selection, size=size, crop=crop)
 
 
-def load_bundle(model: str, device: str | None, dtype: str | None, root: Path, quiet: bool):
+def load_bundle(
+    model: str,
+    model_config: Path | None,
+    device: str | None,
+    dtype: str | None,
+    root: Path,
+    quiet: bool,
+):
     from fatezero_cli.models import load_model
 
     silence_libraries()
     say(f"loading model {model}", quiet)
-    return load_model(model, device=device, dtype=dtype, cache_root=root)
+    return load_model(model, device=device, dtype=dtype, cache_root=root, config=model_config)
 
 
-def invert_video(
-    video: Path,
-    src: str,
-    model: str,
-    size: int,
-    crop: str,
-    frames: str,
-    stride: int,
-    start: int,
-    steps: int,
-    key_frames: str,
-    key_frame_min_channels: int,
-    capture: float,
-    capture_all_layers: bool,
-    cache_dir: Path | None,
-    device: str | None,
-    dtype: str | None,
-    attention: str,
-    quiet: bool,
-):
+@dataclass(frozen=True)
+class InvertRequest:
+    """The inversion options of `invert` and `run`, as the user gave them."""
+
+    video: Path
+    src: str
+    model: str
+    model_config: Path | None
+    size: int
+    crop: str
+    frames: str
+    stride: int
+    start: int
+    steps: int
+    key_frames: str
+    key_frame_min_channels: int
+    capture: float
+    capture_all_layers: bool
+    cache_dir: Path | None
+    device: str | None
+    dtype: str | None
+    attention: str
+    quiet: bool
+
+    def settings(self):
+        from fatezero_cli.attention import KeyFrames
+        from fatezero_cli.config import InversionSettings
+
+        if not self.src.strip():
+            raise FatezeroError("--src must describe the source video")
+        KeyFrames.parse(self.key_frames)
+        return InversionSettings(
+            source_prompt=self.src,
+            steps=self.steps,
+            key_frames=self.key_frames,
+            key_frame_min_channels=self.key_frame_min_channels,
+            capture=self.capture,
+            capture_all_layers=self.capture_all_layers,
+        )
+
+
+def invert_video(request: InvertRequest):
     """Shared by `invert` and `run`: returns (bundle, InversionResult)."""
-    from fatezero_cli.attention import AttentionBackend, KeyFrames
-    from fatezero_cli.config import InversionSettings
+    from fatezero_cli.attention import AttentionBackend
     from fatezero_cli.inversion import invert
     from fatezero_cli.prompts import prompt_token_ids
 
-    if not src.strip():
-        raise FatezeroError("--src must describe the source video")
-    KeyFrames.parse(key_frames)
-    settings = InversionSettings(
-        source_prompt=src,
-        steps=steps,
-        key_frames=key_frames,
-        key_frame_min_channels=key_frame_min_channels,
-        capture=capture,
-        capture_all_layers=capture_all_layers,
+    settings = request.settings()
+    clip = read_video(
+        request.video, request.size, request.crop, request.frames, request.stride, request.start
     )
-    clip = read_video(video, size, crop, frames, stride, start)
-    root = cache_root(cache_dir)
-    bundle = load_bundle(model, device, dtype, root, quiet)
-    prompt_token_ids(bundle.tokenizer, src)
-    backend = AttentionBackend.choose(attention, bundle.device)
+    root = cache_root(request.cache_dir)
+    bundle = load_bundle(
+        request.model, request.model_config, request.device, request.dtype, root, request.quiet
+    )
+    prompt_token_ids(bundle.tokenizer, request.src)
+    backend = AttentionBackend.choose(request.attention, bundle.device)
     height, width = clip.frames.shape[1:3]
-    say(f"inverting {len(clip.frames)} frames at {width}x{height}, {steps} steps", quiet)
-    with step_progress("invert", quiet) as on_step:
+    say(
+        f"inverting {len(clip.frames)} frames at {width}x{height}, {request.steps} steps",
+        request.quiet,
+    )
+    with step_progress("invert", request.quiet) as on_step:
         result = invert(bundle, clip, settings, root, on_step=on_step, backend=backend)
     if result.hit:
-        say("cache hit: nothing to recompute", quiet)
+        say("cache hit: nothing to recompute", request.quiet)
     return bundle, result
 
 
@@ -95,6 +121,7 @@ def invert_command(
     video: opt.VideoArg,
     src: opt.SourcePrompt,
     model: opt.Model = "CompVis/stable-diffusion-v1-4",
+    model_config: opt.ModelConfig = None,
     size: opt.Size = 512,
     crop: opt.Crop = "none",
     frames: opt.Frames = "8",
@@ -118,26 +145,28 @@ def invert_command(
     Prints the cache directory (or, with --json, an object with cache, key,
     hit, frames, steps, bytes). The same inputs again are a cache hit.
     """
-    _, result = invert_video(
-        video,
-        src,
-        model,
-        size,
-        crop,
-        frames,
-        stride,
-        start,
-        steps,
-        key_frames,
-        key_frame_min_channels,
-        capture,
-        capture_all_layers,
-        cache_dir,
-        device,
-        dtype,
-        attention,
-        quiet,
+    request = InvertRequest(
+        video=video,
+        src=src,
+        model=model,
+        model_config=model_config,
+        size=size,
+        crop=crop,
+        frames=frames,
+        stride=stride,
+        start=start,
+        steps=steps,
+        key_frames=key_frames,
+        key_frame_min_channels=key_frame_min_channels,
+        capture=capture,
+        capture_all_layers=capture_all_layers,
+        cache_dir=cache_dir,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        quiet=quiet,
     )
+    _, result = invert_video(request)
     if json_:
         print_json(result.summary())
     else:

@@ -26,6 +26,14 @@ CacheRef = Annotated[
         metavar="CACHE", help="A cache directory, key, or unique key prefix (fatezero cache list)."
     ),
 ]
+ModelConfig = Annotated[
+    Path | None,
+    typer.Option(
+        "--model-config",
+        help="For a single-file --model: a local diffusers folder with its configs and tokenizer "
+        "(so loading needs no network).",
+    ),
+]
 OptionalModel = Annotated[
     str | None,
     typer.Option("--model", help="Model to edit with; default: the one the cache was made with."),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fatezero_cli.cli import options as opt
 from fatezero_cli.cli.common import print_json
 from fatezero_cli.cli.edit import EditOptions, OutputOptions, edit_cache
-from fatezero_cli.cli.invert import invert_video
+from fatezero_cli.cli.invert import InvertRequest, invert_video
 
 EXAMPLE = """
 Example:
@@ -21,6 +21,7 @@ def run_command(
     src: opt.SourcePrompt,
     edit: opt.EditPrompts = None,
     model: opt.Model = "CompVis/stable-diffusion-v1-4",
+    model_config: opt.ModelConfig = None,
     size: opt.Size = 512,
     crop: opt.Crop = "none",
     frames: opt.Frames = "8",
@@ -70,27 +71,28 @@ def run_command(
         fuse_all_layers,
     )
     all_settings = edit_options.settings()
-    capture = max([capture, *(s.needed_capture() for s in all_settings)])
-    bundle, inverted = invert_video(
-        video,
-        src,
-        model,
-        size,
-        crop,
-        frames,
-        stride,
-        start,
-        steps,
-        key_frames,
-        key_frame_min_channels,
-        capture,
-        capture_all_layers or fuse_all_layers,
-        cache_dir,
-        device,
-        dtype,
-        attention,
-        quiet,
+    request = InvertRequest(
+        video=video,
+        src=src,
+        model=model,
+        model_config=model_config,
+        size=size,
+        crop=crop,
+        frames=frames,
+        stride=stride,
+        start=start,
+        steps=steps,
+        key_frames=key_frames,
+        key_frame_min_channels=key_frame_min_channels,
+        capture=max([capture, *(s.needed_capture() for s in all_settings)]),
+        capture_all_layers=capture_all_layers or fuse_all_layers,
+        cache_dir=cache_dir,
+        device=device,
+        dtype=dtype,
+        attention=attention,
+        quiet=quiet,
     )
+    bundle, inverted = invert_video(request)
     written = edit_cache(
         bundle,
         inverted.cache,
