@@ -421,9 +421,24 @@ def test_single_file_checkpoint_with_local_config(capsys, swan, tiny_model_dir, 
 
     checkpoint = save_ldm_checkpoint(tiny_model_dir, tmp_path / "tiny.safetensors")
     code, out, err = fatezero(
-        capsys, "invert", str(swan), "--src", SWAN_SRC, "--model", str(checkpoint),
-        "--model-config", str(tiny_model_dir), "--cache-dir", str(tmp_path / "c"), "--quiet",
-        "--size", "64", "--frames", "2", "--steps", "2",
+        capsys,
+        "invert",
+        str(swan),
+        "--src",
+        SWAN_SRC,
+        "--model",
+        str(checkpoint),
+        "--model-config",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+        "--size",
+        "64",
+        "--frames",
+        "2",
+        "--steps",
+        "2",
     )
     assert code == 0, err
     code, out, err = fatezero(

@@ -38,7 +38,7 @@ def print_json(data: dict) -> None:
 def step_progress(label: str, quiet: bool) -> Iterator:
     """A rich progress bar on stderr; yields the `on_step(done, total)` callback."""
     progress = Progress(
-        TextColumn("{task.description}"),
+        TextColumn("{task.description}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
