@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import sys
@@ -59,6 +60,15 @@ def step_progress(label: str, quiet: bool) -> Iterator:
         yield on_step
     finally:
         progress.stop()
+
+
+def from_options(cls, options: dict, **overrides):
+    """A dataclass of `cls`'s fields, picked by name from a command's parameters (`locals()`).
+
+    Typer needs every option spelled out per command; this keeps the plumbing
+    from each command to the shared code to one line.
+    """
+    return cls(**{**{f.name: options[f.name] for f in dataclasses.fields(cls)}, **overrides})
 
 
 def slug(text: str, limit: int = 60) -> str:

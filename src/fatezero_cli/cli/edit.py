@@ -9,6 +9,7 @@ from pathlib import Path
 from fatezero_cli.cli import options as opt
 from fatezero_cli.cli.common import (
     cache_root,
+    from_options,
     output_paths,
     parse_blend,
     print_json,
@@ -31,10 +32,10 @@ CACHE is a cache directory, a key, or a unique key prefix (`fatezero cache list`
 class EditOptions:
     """The edit options of `edit` and `run`, as the user gave them."""
 
-    prompts: list[str]
+    edit: list[str] | None
     guidance: float
     cross_replace: float
-    cross_replace_words: list[str] | None
+    cross_replace_word: list[str] | None
     self_replace: float
     blend: str | None
     tau: float
@@ -47,9 +48,9 @@ class EditOptions:
         from fatezero_cli.config import EditSettings
         from fatezero_cli.prompts import parse_word_values
 
-        if not self.prompts:
+        if not self.edit:
             raise FatezeroError("give at least one --edit prompt")
-        per_word = parse_word_values(self.cross_replace_words or [], "--cross-replace-word")
+        per_word = parse_word_values(self.cross_replace_word or [], "--cross-replace-word")
         reweight = parse_word_values(self.reweight or [], "--reweight")
         return [
             EditSettings(
@@ -64,7 +65,7 @@ class EditOptions:
                 latent_blend=self.latent_blend,
                 fuse_all_layers=self.fuse_all_layers,
             )
-            for prompt in self.prompts
+            for prompt in self.edit
         ]
 
 
@@ -234,19 +235,7 @@ def edit_command(
     """
     from fatezero_cli.cli.invert import load_bundle
 
-    edit_options = EditOptions(
-        edit or [],
-        guidance,
-        cross_replace,
-        cross_replace_word,
-        self_replace,
-        blend,
-        tau,
-        reweight,
-        latent_blend,
-        fuse_all_layers,
-    )
-    all_settings = edit_options.settings()
+    all_settings = from_options(EditOptions, locals()).settings()
     root = cache_root(cache_dir)
     opened = open_cache(cache, cache_dir)
     model_path, config = model_for_cache(opened, model, model_config, root)
@@ -255,7 +244,7 @@ def edit_command(
         bundle,
         opened,
         all_settings,
-        OutputOptions(output, side_by_side, save_masks, overwrite, seed),
+        from_options(OutputOptions, locals()),
         attention,
         quiet,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 from fatezero_cli.cli import options as opt
 from fatezero_cli.cli.common import (
     cache_root,
+    from_options,
     print_json,
     say,
     silence_libraries,
@@ -145,28 +146,7 @@ def invert_command(
     Prints the cache directory (or, with --json, an object with cache, key,
     hit, frames, steps, bytes). The same inputs again are a cache hit.
     """
-    request = InvertRequest(
-        video=video,
-        src=src,
-        model=model,
-        model_config=model_config,
-        size=size,
-        crop=crop,
-        frames=frames,
-        stride=stride,
-        start=start,
-        steps=steps,
-        key_frames=key_frames,
-        key_frame_min_channels=key_frame_min_channels,
-        capture=capture,
-        capture_all_layers=capture_all_layers,
-        cache_dir=cache_dir,
-        device=device,
-        dtype=dtype,
-        attention=attention,
-        quiet=quiet,
-    )
-    _, result = invert_video(request)
+    _, result = invert_video(from_options(InvertRequest, locals()))
     if json_:
         print_json(result.summary())
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fatezero_cli.cli import options as opt
-from fatezero_cli.cli.common import print_json
+from fatezero_cli.cli.common import from_options, print_json
 from fatezero_cli.cli.edit import EditOptions, OutputOptions, edit_cache
 from fatezero_cli.cli.invert import InvertRequest, invert_video
 
@@ -58,46 +58,19 @@ def run_command(
     --capture is raised to what the edits need, and --fuse-all-layers turns on
     --capture-all-layers, so one call always has what it fuses.
     """
-    edit_options = EditOptions(
-        edit or [],
-        guidance,
-        cross_replace,
-        cross_replace_word,
-        self_replace,
-        blend,
-        tau,
-        reweight,
-        latent_blend,
-        fuse_all_layers,
-    )
-    all_settings = edit_options.settings()
-    request = InvertRequest(
-        video=video,
-        src=src,
-        model=model,
-        model_config=model_config,
-        size=size,
-        crop=crop,
-        frames=frames,
-        stride=stride,
-        start=start,
-        steps=steps,
-        key_frames=key_frames,
-        key_frame_min_channels=key_frame_min_channels,
+    all_settings = from_options(EditOptions, locals()).settings()
+    request = from_options(
+        InvertRequest,
+        locals(),
         capture=max([capture, *(s.needed_capture() for s in all_settings)]),
         capture_all_layers=capture_all_layers or fuse_all_layers,
-        cache_dir=cache_dir,
-        device=device,
-        dtype=dtype,
-        attention=attention,
-        quiet=quiet,
     )
     bundle, inverted = invert_video(request)
     written = edit_cache(
         bundle,
         inverted.cache,
         all_settings,
-        OutputOptions(output, side_by_side, save_masks, overwrite, seed),
+        from_options(OutputOptions, locals()),
         attention,
         quiet,
     )
