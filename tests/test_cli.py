@@ -446,3 +446,36 @@ def test_single_file_checkpoint_with_local_config(capsys, swan, tiny_model_dir, 
     )
     assert code == 0, err
     assert (tmp_path / "d.gif").is_file()
+
+
+def test_weights_replaced_behind_the_same_path_are_refused(capsys, swan, tmp_path):
+    """`edit` without --model reloads the cache's model path: it must still be those weights."""
+    import shutil
+
+    from fatezero_cli.testing import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model", seed=0)
+    code, out, err = fatezero(
+        capsys,
+        "invert",
+        str(swan),
+        "--src",
+        SWAN_SRC,
+        "--model",
+        str(model),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+        "--size",
+        "64",
+        "--frames",
+        "2",
+        "--steps",
+        "2",
+    )
+    assert code == 0, err
+    shutil.rmtree(model)
+    save_tiny_model(model, seed=1)
+    capsys.readouterr()
+    code, _, err = fatezero(capsys, "edit", out.strip(), "--edit", SWAN_DUCK, "--quiet")
+    one_clear_line(code, err, "inverted with model")

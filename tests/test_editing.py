@@ -58,6 +58,17 @@ def test_zero_length_windows_are_exactly_plain_ddim(bundle, inverted):
     assert torch.equal(result.latents, plain_ddim(bundle, inverted, EDIT, 7.5))
 
 
+def test_reweight_acts_only_inside_the_cross_window(bundle, inverted):
+    """With every window closed, reweighting changes nothing; inside the window it does."""
+    closed = EditSettings(EDIT, cross_replace=0.0, self_replace=0.0, reweight={"white": 3.0})
+    assert torch.equal(
+        edit(bundle, inverted, closed).latents, plain_ddim(bundle, inverted, EDIT, 7.5)
+    )
+    plain = edit(bundle, inverted, EditSettings(EDIT)).latents
+    reweighted = edit(bundle, inverted, EditSettings(EDIT, reweight={"white": 3.0})).latents
+    assert (plain - reweighted).abs().max() > 1e-4
+
+
 def test_fusion_changes_the_result(bundle, inverted):
     """The converse of the test above: with windows open, fusion is really applied."""
     plain = plain_ddim(bundle, inverted, EDIT, 7.5)

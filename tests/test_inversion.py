@@ -44,6 +44,9 @@ def test_key_changes_with_every_input_that_matters(tiny_bundle, small_clip):
     variants["dtype"] = key_of(other_dtype, small_clip)
     for name, key in variants.items():
         assert key != base, f"changing the {name} must change the key"
+    # the key holds how many steps are kept, not the fraction: 0.6 of 4 steps is 2, as 0.5
+    same_steps = dataclasses.replace(SETTINGS, capture=0.6)
+    assert key_of(tiny_bundle, small_clip, same_steps) == base
     assert len(set(variants.values())) == len(variants)
 
 

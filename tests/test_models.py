@@ -299,3 +299,11 @@ def test_corrupt_single_file_is_one_clear_line(tiny_model_dir, tmp_path):
     checkpoint = tmp_path / "broken.safetensors"
     checkpoint.write_bytes(b"\x00" * 64)
     one_line_error("cannot load checkpoint", load_cpu, checkpoint, config=tiny_model_dir)
+
+
+def test_a_spacing_ddim_cannot_invert_falls_back_to_leading():
+    from fatezero_cli.models import ddim_scheduler_config
+
+    config = ddim_scheduler_config({"timestep_spacing": "linspace"})
+    assert config["timestep_spacing"] == "leading"
+    assert ddim_scheduler_config({"timestep_spacing": "trailing"})["timestep_spacing"] == "trailing"

@@ -397,7 +397,6 @@ class FusionStep:
     source: dict[str, torch.Tensor] = field(default_factory=dict)
     self_replace: bool = False
     cross_window: torch.Tensor | None = None  # [77] 1 where the token's window is open
-    reweight: torch.Tensor | None = None  # [77] equalizer factors, when active this step
     masks: dict[tuple[int, int], torch.Tensor] | None = None
 
 
@@ -409,6 +408,7 @@ class FusionPlan:
     mapping: object  # prompts.TokenMapping
     fused_layers: set[str]
     latent_hw: tuple[int, int]
+    reweight: torch.Tensor | None = None  # [77] equalizer factors per edit token
     step: FusionStep = field(default_factory=FusionStep)
     edit_word_positions: list[int] = field(default_factory=list)
     accumulate_edit_maps: bool = False
@@ -517,10 +517,9 @@ class FusedCrossAttnProcessor(CrossAttnProcessor):
         source_maps = cross_attention_probs(attn, source, text)
         window = window.to(edit_maps.device, edit_maps.dtype)
         mapped = self.plan.mapping.apply(source_maps, edit_maps)
-        fused = window * mapped + (1 - window) * edit_maps
-        if self.plan.step.reweight is not None:
-            fused = fused * self.plan.step.reweight.to(fused.device, fused.dtype)
-        return fused
+        if self.plan.reweight is not None:  # equalizer: after replace/refine, in the window
+            mapped = mapped * self.plan.reweight.to(mapped.device, mapped.dtype)
+        return window * mapped + (1 - window) * edit_maps
 
     def _accumulate(self, edit_maps: torch.Tensor) -> None:
         """Sum the edit words' maps over steps, for the latent-blend mask (DESIGN 3.8)."""

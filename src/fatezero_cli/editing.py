@@ -52,7 +52,6 @@ class EditSchedule:
 
     steps: int
     self_steps: int
-    cross_steps: int
     token_steps: torch.Tensor  # [77] per-token cross window in steps
     latent_blend: tuple[int, int] | None
 
@@ -64,7 +63,6 @@ class EditSchedule:
         return cls(
             steps=steps,
             self_steps=window_steps(settings.self_replace, steps),
-            cross_steps=window_steps(settings.cross_replace, steps),
             token_steps=torch.tensor([window_steps(float(f), steps) for f in token_windows]),
             latent_blend=blend,
         )
@@ -95,11 +93,10 @@ def check_cache_covers(cache: Cache, schedule: EditSchedule, fused: set[str]) ->
     kept = len(cache.captured_timesteps)
     needed = max((k + 1 for k in range(schedule.steps) if schedule.reads_source(k)), default=0)
     if needed > kept:
-        captured = cache.manifest["inputs"]["capture"]
         raise FatezeroError(
             f"this edit fuses the {needed} noisiest of {schedule.steps} steps but cache "
-            f"{cache.key} kept only {kept} (inverted with --capture {captured}); lower the "
-            f"windows or invert again with a larger --capture"
+            f"{cache.key} kept only {kept}; lower the windows or invert again with "
+            f"--capture {needed / schedule.steps:g} or more"
         )
     missing = fused - cache.captured_layers
     if missing:
@@ -172,6 +169,7 @@ def edit(
         source_text=source["source_text"],
         mapping=mapping,
         fused_layers=fused,
+        reweight=reweight if settings.reweight else None,
         latent_hw=latent_hw,
         edit_word_positions=edit_word_positions(tokenizer, source_prompt, settings.prompt),
         accumulate_edit_maps=settings.latent_blend,
@@ -209,14 +207,13 @@ def edit(
                 )
                 masks = threshold_masks(word_map, mask_grids, settings.tau)
                 if mask_sum is not None:
-                    mask_sum += masks[latent_hw].reshape(num_frames, *latent_hw)
+                    mask_sum += masks[latent_hw].reshape(num_frames, *latent_hw).cpu()
                     mask_count += 1
             open_tokens = (step < schedule.token_steps).float()
             plan.step = FusionStep(
                 source=data,
                 self_replace=step < schedule.self_steps,
                 cross_window=open_tokens if bool(open_tokens.any()) else None,
-                reweight=reweight if step < schedule.cross_steps and settings.reweight else None,
                 masks=masks,
             )
             noise = bundle.unet(
@@ -258,10 +255,13 @@ def blend_latents(
 ) -> torch.Tensor:
     """z = z_src + M' (z - z_src), M' = source mask | edit-words mask (DESIGN 3.8)."""
     num_frames = latent.shape[0]
-    mask = masks[latent_hw] if masks else torch.zeros(num_frames, latent_hw[0] * latent_hw[1])
+    if masks:
+        mask = masks[latent_hw].to(latent.device)
+    else:
+        mask = torch.zeros(num_frames, latent_hw[0] * latent_hw[1], device=latent.device)
     if plan.edit_word_positions and plan.edit_maps:
         accumulated = torch.stack([plan.edit_maps[layer.name] for layer in mask_layers]).mean(0)
-        edit_map = grid_map(accumulated.float().cpu(), mask_layers[0].grid(latent_hw))
+        edit_map = grid_map(accumulated.float().to(latent.device), mask_layers[0].grid(latent_hw))
         mask = union(mask, threshold_masks(edit_map, [latent_hw], tau)[latent_hw])
     mask = mask.reshape(num_frames, 1, *latent_hw).to(latent.device, latent.dtype)
     source_latent = source_latent.to(latent.device, latent.dtype)

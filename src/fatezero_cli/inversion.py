@@ -46,6 +46,7 @@ SCHEDULER_KEYS = (
     "steps_offset",
     "clip_sample",
     "set_alpha_to_one",
+    "rescale_betas_zero_snr",
 )
 
 StepCallback = Callable[[int, int], None]
@@ -86,7 +87,7 @@ def cache_inputs(bundle: ModelBundle, clip: Clip, settings: InversionSettings) -
         "source_prompt": settings.source_prompt,
         "key_frames": KeyFrames.parse(settings.key_frames).spec,
         "key_frame_min_channels": settings.key_frame_min_channels,
-        "capture": settings.capture,
+        "capture_steps": settings.captured_steps(),
         "capture_layers": "all" if settings.capture_all_layers else "fused",
         "dtype": str(bundle.dtype).removeprefix("torch."),
     }

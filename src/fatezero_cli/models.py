@@ -46,6 +46,7 @@ SD1_SCHEDULER_DEFAULTS = {
     "prediction_type": "epsilon",
     "timestep_spacing": "leading",
 }
+INVERTIBLE_SPACINGS = ("leading", "trailing")  # what DDIMInverseScheduler supports
 MODEL_SCHEDULER_KEYS = (
     *SD1_SCHEDULER_DEFAULTS,
     "trained_betas",
@@ -357,6 +358,9 @@ def ddim_scheduler_config(model_config: dict) -> dict:
         key: model_config[key] for key in MODEL_SCHEDULER_KEYS if model_config.get(key) is not None
     }
     config = {**SD1_SCHEDULER_DEFAULTS, **kept, **FORCED_SCHEDULER_SETTINGS}
+    if config["timestep_spacing"] not in INVERTIBLE_SPACINGS:
+        # DDIM inversion needs an evenly strided grid; SD 1.x's own choice is "leading".
+        config["timestep_spacing"] = "leading"
     if config["prediction_type"] not in SUPPORTED_PREDICTIONS:
         raise FatezeroError(
             f"unsupported prediction_type {config['prediction_type']!r} in the model's scheduler "

@@ -103,6 +103,7 @@ def edit_cache(
     from fatezero_cli.attention import AttentionBackend
     from fatezero_cli.editing import edit
 
+    check_same_model(bundle, cache)
     check_prompts(bundle, cache.manifest["inputs"]["source_prompt"], all_settings)
     backend = AttentionBackend.choose(attention, bundle.device)
     video_name = Path(cache.manifest["video"]["source"]).stem
@@ -183,23 +184,26 @@ def open_cache(reference: str, cache_dir: Path | None):
     return Cache.open(resolve_cache(reference, cache_root(cache_dir)))
 
 
-def model_for_cache(
-    cache, model: str | None, model_config: Path | None, root: Path
-) -> tuple[str, Path | None]:
-    """The cache's own model by default; another model is refused (DESIGN 4)."""
+def model_for_cache(cache, model: str | None, model_config: Path | None) -> tuple:
+    """The model to load: the cache's own unless the user names one (checked after loading)."""
+    if model is not None:
+        return model, model_config
+    recorded = cache.manifest["model"]
+    config = recorded.get("config")
+    return recorded["name"], Path(config) if config else model_config
+
+
+def check_same_model(bundle, cache) -> None:
+    """Attention captured with other weights would be fused silently wrong (DESIGN 4)."""
     from fatezero_cli.inversion import model_key
-    from fatezero_cli.models import model_identity
 
     recorded = cache.manifest["model"]
-    if model is None:
-        config = recorded.get("config")
-        return recorded["name"], Path(config) if config else model_config
-    if model_key(model_identity(model, root, model_config)) != model_key(recorded):
+    if model_key(bundle.identity) != model_key(recorded):
         raise FatezeroError(
-            f"cache {cache.key} was inverted with model {recorded['name']}, not {model}; "
+            f"cache {cache.key} was inverted with model {recorded['name']} "
+            f"({model_key(recorded)}), not with these weights ({model_key(bundle.identity)}); "
             "edit with that model or invert again"
         )
-    return model, model_config
 
 
 def edit_command(
@@ -238,7 +242,7 @@ def edit_command(
     all_settings = from_options(EditOptions, locals()).settings()
     root = cache_root(cache_dir)
     opened = open_cache(cache, cache_dir)
-    model_path, config = model_for_cache(opened, model, model_config, root)
+    model_path, config = model_for_cache(opened, model, model_config)
     bundle = load_bundle(model_path, config, device, dtype, root, quiet)
     written = edit_cache(
         bundle,
