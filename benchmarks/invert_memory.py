@@ -63,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timings are the min over these")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the children")
     parser.add_argument("--tmp-dir", type=Path, help="where the caches go (fsync cost varies)")
+    parser.add_argument("--json", type=Path, help="also write every child's raw result here")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the RSS check fails")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -197,57 +198,78 @@ def load_inputs(args: argparse.Namespace):
     return bundle, clip, settings
 
 
+def alternate(repeats: int, invert_once: Callable[[], float], plain_once: Callable[[], float]):
+    """Invert and plain DDIM, alternately (ABBA...), so both see the same machine load: on a
+    shared two-core box a neighbour's burst can triple one block of timings."""
+    times: dict[str, list[float]] = {"invert": [], "plain": []}
+    runs = {"invert": invert_once, "plain": plain_once}
+    for repeat in range(repeats):
+        order = ("invert", "plain") if repeat % 2 == 0 else ("plain", "invert")
+        for kind in order:
+            times[kind].append(runs[kind]())
+    return times["invert"], times["plain"]
+
+
 def run_child(args: argparse.Namespace) -> dict:
-    """Everything for one step count. Inversions run first and RSS is read right after them,
-    so the plain loop and the write replay cannot raise the figure."""
+    """Everything for one step count, in this fresh process.
+
+    The warm-up runs one plain step, so the loaded baseline already holds the plain loop's
+    per-step peak (the loop keeps nothing across steps); the plain runs interleaved with the
+    inversions therefore cannot raise `ru_maxrss`, and `rss_after_first_invert_mb` (read
+    before any timed plain run) checks that.
+    """
     import torch
 
     bundle, clip, settings = load_inputs(args)
     device = bundle.device
-    # Warm-up: one plain step pays one-time costs (allocator, kernel selection) before timing.
-    plain_ddim(bundle, clip, dataclasses.replace(settings, steps=1))
+    plain_ddim(bundle, clip, dataclasses.replace(settings, steps=1))  # pays one-time costs
     base_rss = peak_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     roots: list[Path] = []
+    state: dict = {}
+
+    def invert_once() -> float:
+        for root in roots:  # the previous repeat's cache: disk only, never reused
+            shutil.rmtree(root, ignore_errors=True)
+        seconds, state["result"] = timed(
+            lambda: invert_fresh(bundle, clip, settings, args.tmp_dir, roots), device
+        )
+        state.setdefault("rss_after_first_invert_mb", peak_rss_mb())
+        return seconds
+
+    def plain_once() -> float:
+        seconds, state["latent"] = timed(lambda: plain_ddim(bundle, clip, settings), device)
+        return seconds
+
     try:
-        invert_times, result = [], None
-        for _ in range(args.repeats):
-            if result is not None:
-                shutil.rmtree(result.cache.path.parent, ignore_errors=True)
-            seconds, result = timed(
-                lambda: invert_fresh(bundle, clip, settings, args.tmp_dir, roots), device
-            )
-            invert_times.append(seconds)
+        invert_times, plain_times = alternate(args.repeats, invert_once, plain_once)
         rss = peak_rss_mb()
         peak_gpu = torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None
-        plain_times, latent = [], None
-        for _ in range(args.repeats):
-            seconds, latent = timed(lambda: plain_ddim(bundle, clip, settings), device)
-            plain_times.append(seconds)
-        cached = result.cache.step(result.cache.timesteps[-1])["latent"]
-        difference = (latent.float().cpu() - cached.float()).abs().max().item()
+        cache = state["result"].cache
+        cached = cache.step(cache.timesteps[-1])["latent"]
+        difference = (state["latent"].float().cpu() - cached.float()).abs().max().item()
         scratch = Path(tempfile.mkdtemp(prefix="fatezero-bench-replay-", dir=args.tmp_dir))
         roots.append(scratch)
-        replay = replay_writes(result.cache, scratch)
+        replay = replay_writes(cache, scratch)
         replay["key_s"] = time_cache_key(bundle, clip, settings)
-        summary = result.summary()
     finally:
         for root in roots:
             shutil.rmtree(root, ignore_errors=True)
     return {
         "steps": settings.steps,
-        "captured_steps": len(result.cache.captured_timesteps),
-        "files": len(result.cache.manifest["files"]),
+        "captured_steps": len(cache.captured_timesteps),
+        "files": len(cache.manifest["files"]),
         "invert_s": min(invert_times),
         "invert_all_s": invert_times,
         "plain_ddim_s": min(plain_times),
         "plain_all_s": plain_times,
         "final_latent_max_diff": difference,
         "base_rss_mb": base_rss,
+        "rss_after_first_invert_mb": state["rss_after_first_invert_mb"],
         "peak_rss_mb": rss,
         "peak_gpu_mb": peak_gpu,
-        "cache_bytes": summary["bytes"],
+        "cache_bytes": state["result"].summary()["bytes"],
         "replay": replay,
         "device": str(device),
         "dtype": str(bundle.dtype).removeprefix("torch."),
@@ -405,6 +427,8 @@ def run_parent(args: argparse.Namespace) -> int:
             label = "tiny random-weight SD 1.x (fatezero_cli.testing.save_tiny_model)"
         results = [measure(args, model, steps) for steps in sorted(set(args.steps))]
     passed = report(args, label, results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1) + "\n")
     return 1 if args.strict and not passed else 0
 
 

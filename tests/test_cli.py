@@ -126,6 +126,7 @@ def test_run_black_swan_end_to_end_then_edits_reuse_the_cache(
     assert record["edit"]["prompt"] == SWAN_DUCK and record["cache"] == report["inversion"]["key"]
     assert record["edit"]["blend_words"] == ["black", "swan"]
     assert Path(report["outputs"][0]["masks"]).is_file()
+    assert report["outputs"][0]["edit"] == record["edit"]  # --json reports the settings used
 
     # two more edits from the same cache: `edit` never inverts, `run` finds the cache
     key = report["inversion"]["key"]
@@ -269,6 +270,18 @@ def test_invert_then_edit_in_two_processes_equals_run_in_one(
     one = sorted((tmp_path / "one").glob("*.png"))
     assert [p.name for p in two] == [p.name for p in one] and len(one) == 4
     for a, b in zip(one, two, strict=True):
+        assert np.array_equal(read_png(a), read_png(b))
+
+
+def test_the_same_edit_command_twice_gives_identical_frames(capsys, swan_cache, tmp_path):
+    args = ["edit", str(swan_cache), "--edit", SWAN_DUCK, "--blend", "black swan", "--quiet"]
+    for name in ("first", "second"):
+        code, _, err = fatezero(capsys, *args, "-o", str(tmp_path / name))
+        assert code == 0, err
+    first = sorted((tmp_path / "first").glob("*.png"))
+    second = sorted((tmp_path / "second").glob("*.png"))
+    assert len(first) == 4 and [p.name for p in first] == [p.name for p in second]
+    for a, b in zip(first, second, strict=True):
         assert np.array_equal(read_png(a), read_png(b))
 
 

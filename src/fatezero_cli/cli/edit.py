@@ -162,6 +162,7 @@ def write_outputs(bundle, cache, settings, result, path: Path, outputs: OutputOp
         "settings": str(settings_path),
         "masks": masks_path and str(masks_path),
         "prompt": settings.prompt,
+        "edit": record["edit"],
     }
 
 
