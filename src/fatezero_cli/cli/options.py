@@ -8,7 +8,10 @@ from typing import Annotated
 import typer
 
 VideoArg = Annotated[
-    Path, typer.Argument(help="A video file (mp4, mov, mkv, webm, avi, gif) or a folder of frames.")
+    Path,
+    typer.Argument(
+        metavar="VIDEO", help="A video file (mp4, mov, mkv, webm, avi, gif) or a folder of frames."
+    ),
 ]
 SourcePrompt = Annotated[
     str, typer.Option("--src", help="Prompt describing the source video, e.g. 'a black swan'.")
