@@ -492,3 +492,27 @@ def test_weights_replaced_behind_the_same_path_are_refused(capsys, swan, tmp_pat
     capsys.readouterr()
     code, _, err = fatezero(capsys, "edit", out.strip(), "--edit", SWAN_DUCK, "--quiet")
     one_clear_line(code, err, "inverted with model")
+
+
+def test_run_reports_a_bad_edit_before_inverting(capsys, swan, tiny_model_dir, tmp_path):
+    code, _, err = fatezero(
+        capsys,
+        "run",
+        str(swan),
+        "--src",
+        SWAN_SRC,
+        "--edit",
+        SWAN_DUCK,
+        "--blend",
+        "red jeep",
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--quiet",
+        *SMALL,
+    )
+    one_clear_line(code, err, "jeep")
+    from fatezero_cli.cache import list_cache_dirs
+
+    assert list_cache_dirs(tmp_path / "c") == []  # nothing was inverted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,12 @@ class InvertRequest:
         )
 
 
-def invert_video(request: InvertRequest):
-    """Shared by `invert` and `run`: returns (bundle, InversionResult)."""
+def invert_video(request: InvertRequest, check_before: Callable | None = None):
+    """Shared by `invert` and `run`: returns (bundle, InversionResult).
+
+    `check_before(bundle)` runs once the model is loaded and before inverting,
+    so `run` reports a bad edit prompt without first spending the inversion.
+    """
     from fatezero_cli.attention import AttentionBackend
     from fatezero_cli.inversion import invert
     from fatezero_cli.prompts import prompt_token_ids
@@ -105,6 +110,8 @@ def invert_video(request: InvertRequest):
         request.model, request.model_config, request.device, request.dtype, root, request.quiet
     )
     prompt_token_ids(bundle.tokenizer, request.src)
+    if check_before is not None:
+        check_before(bundle)
     backend = AttentionBackend.choose(request.attention, bundle.device)
     height, width = clip.frames.shape[1:3]
     say(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fatezero_cli.cli import options as opt
 from fatezero_cli.cli.common import from_options, print_json
-from fatezero_cli.cli.edit import EditOptions, OutputOptions, edit_cache
+from fatezero_cli.cli.edit import EditOptions, OutputOptions, check_prompts, edit_cache
 from fatezero_cli.cli.invert import InvertRequest, invert_video
 
 EXAMPLE = """
@@ -65,7 +65,9 @@ def run_command(
         capture=max([capture, *(s.needed_capture() for s in all_settings)]),
         capture_all_layers=capture_all_layers or fuse_all_layers,
     )
-    bundle, inverted = invert_video(request)
+    bundle, inverted = invert_video(
+        request, check_before=lambda bundle: check_prompts(bundle, src, all_settings)
+    )
     written = edit_cache(
         bundle,
         inverted.cache,
