@@ -9,8 +9,11 @@ step counts, each in a fresh child process:
 - `plain_ddim_s`: the same DDIM inversion loop (same UNet, same spatial-temporal processors from
   `plain_processors`, same `ddim_inverse_scheduler`, same text and VAE encoding) with no capture
   and no cache writes; its final latent must equal the cache's, which proves it is the same work;
-- `peak_rss_mb`: `ru_maxrss` of the child right after its inversions. `ru_maxrss` is a
-  process-lifetime high-water mark, so only a fresh process per step count can compare them;
+- `peak_rss_mb`: `ru_maxrss` of the child at its end. `ru_maxrss` is a process-lifetime
+  high-water mark, so only a fresh process per step count can compare them; `base_rss_mb` is
+  the same figure after loading and a one-step warm-up, and `step_drift_mb` is how much the
+  resident set changed from the first inversion step to the last (it would be about
+  N x MB/step if anything accumulated);
 - `cache_mb`: the bytes the manifest lists (`result.summary()["bytes"]`).
 
 It also replays the cache's writes on the files the inversion produced (copy, safetensors
@@ -81,6 +84,23 @@ def peak_rss_mb() -> float:
     return peak / MIB if sys.platform == "darwin" else peak / 1024
 
 
+def current_rss_mb() -> float | None:
+    """Resident set now (Linux only). Sampled after every inversion step, it shows growth with
+    N far more sharply than the peak, which the model load and imports dominate."""
+    try:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def drift_mb(trace: list[float | None]) -> float | None:
+    """Resident set after the last step minus after the first: ~0 when nothing accumulates."""
+    if len(trace) < 2 or trace[0] is None or trace[-1] is None:
+        return None
+    return trace[-1] - trace[0]
+
+
 def synchronize(device) -> None:
     """Wall times on CUDA must wait for the queued kernels."""
     import torch
@@ -133,13 +153,16 @@ def plain_ddim(bundle, clip, settings):
         return latent
 
 
-def invert_fresh(bundle, clip, settings, tmp_dir: Path | None, keep: list[Path]):
-    """One inversion into a new, empty cache root, so it really computes (no cache hit)."""
+def invert_fresh(
+    bundle, clip, settings, tmp_dir: Path | None, keep: list[Path], trace: list[float | None]
+):
+    """One inversion into a new, empty cache root, so it really computes (no cache hit);
+    `trace` gets the resident set after each step."""
     from fatezero_cli.inversion import invert
 
     root = Path(tempfile.mkdtemp(prefix="fatezero-bench-cache-", dir=tmp_dir))
     keep.append(root)
-    result = invert(bundle, clip, settings, root)
+    result = invert(bundle, clip, settings, root, on_step=lambda *_: trace.append(current_rss_mb()))
     if result.hit:
         raise RuntimeError(f"cache hit in a fresh directory {root}: the benchmark is broken")
     return result
@@ -220,6 +243,7 @@ def run_child(args: argparse.Namespace) -> dict:
     """
     import torch
 
+    load_average = " ".join(f"{value:.2f}" for value in os.getloadavg())
     bundle, clip, settings = load_inputs(args)
     device = bundle.device
     plain_ddim(bundle, clip, dataclasses.replace(settings, steps=1))  # pays one-time costs
@@ -227,13 +251,15 @@ def run_child(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     roots: list[Path] = []
+    traces: list[list[float | None]] = []
     state: dict = {}
 
     def invert_once() -> float:
         for root in roots:  # the previous repeat's cache: disk only, never reused
             shutil.rmtree(root, ignore_errors=True)
+        traces.append([])
         seconds, state["result"] = timed(
-            lambda: invert_fresh(bundle, clip, settings, args.tmp_dir, roots), device
+            lambda: invert_fresh(bundle, clip, settings, args.tmp_dir, roots, traces[-1]), device
         )
         state.setdefault("rss_after_first_invert_mb", peak_rss_mb())
         return seconds
@@ -268,6 +294,8 @@ def run_child(args: argparse.Namespace) -> dict:
         "base_rss_mb": base_rss,
         "rss_after_first_invert_mb": state["rss_after_first_invert_mb"],
         "peak_rss_mb": rss,
+        "step_rss_traces_mb": traces,
+        "step_rss_drift_mb": [drift_mb(trace) for trace in traces],
         "peak_gpu_mb": peak_gpu,
         "cache_bytes": state["result"].summary()["bytes"],
         "replay": replay,
@@ -275,6 +303,7 @@ def run_child(args: argparse.Namespace) -> dict:
         "dtype": str(bundle.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "frames_shape": list(clip.frames.shape),
+        "load_average": load_average,
     }
 
 
@@ -334,7 +363,8 @@ def print_header(args: argparse.Namespace, model_label: str, first: dict) -> Non
         f"OMP_NUM_THREADS={child_environment(args).get('OMP_NUM_THREADS', '(unset)')}, "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()})"
     )
-    print(f"torch:   {torch.__version__}; timings: min of {args.repeats} repeats")
+    print(f"torch:   {torch.__version__}; timings: min of {args.repeats} repeats, alternated")
+    print(f"load:    {first['load_average']} (1/5/15 min, when the child started)")
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -344,9 +374,15 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def format_drift(drifts: list[float | None]) -> str:
+    """The largest step-1-to-step-N change of the resident set over the repeats."""
+    known = [drift for drift in drifts if drift is not None]
+    return f"{max(known, key=abs):+.1f}" if known else "n/a"
+
+
 def main_table(results: list[dict]) -> str:
     headers = ["steps", "captured", "invert_s", "plain_ddim_s", "ratio", "base_rss_mb"]
-    headers += ["peak_rss_mb", "cache_mb", "mb_per_step"]
+    headers += ["peak_rss_mb", "step_drift_mb", "cache_mb", "mb_per_step"]
     if any(r["peak_gpu_mb"] is not None for r in results):
         headers.append("peak_gpu_mb")
     rows = []
@@ -360,6 +396,7 @@ def main_table(results: list[dict]) -> str:
             f"{r['invert_s'] / r['plain_ddim_s']:.2f}",
             f"{r['base_rss_mb']:.0f}",
             f"{r['peak_rss_mb']:.0f}",
+            format_drift(r["step_rss_drift_mb"]),
             f"{cache_mb:.1f}",
             f"{cache_mb / r['steps']:.2f}",
         ]
@@ -392,7 +429,7 @@ def rss_verdict(results: list[dict]) -> tuple[bool, str]:
     high = max(results, key=lambda r: r["steps"])
     ratio = high["peak_rss_mb"] / low["peak_rss_mb"]
     passed = abs(ratio - 1) <= RSS_TOLERANCE
-    growth = [f"{r['steps']}: +{r['peak_rss_mb'] - r['base_rss_mb']:.0f} MB" for r in results]
+    growth = [f"{r['steps']}: {r['peak_rss_mb'] - r['base_rss_mb']:+.0f} MB" for r in results]
     return passed, (
         f"peak RSS {high['steps']} steps / {low['steps']} steps = {ratio:.3f} "
         f"(limit 1 +/- {RSS_TOLERANCE:.2f}): {'PASS' if passed else 'FAIL'}; "

@@ -184,12 +184,13 @@ def fusion_setup(tiny_bundle, mask_value):
         source_text=torch.zeros(1, 77, 32),
         mapping=None,
         fused_layers={layer.name},
-        latent_hw=(4, 4),
+        latent_hw=(4 * layer.downscale, 4 * layer.downscale),  # the layer's grid is 4x4
     )
-    masks = None if mask_value is None else {(4, 4): torch.full((num_frames, tokens), mask_value)}
+    grid = layer.grid(plan.latent_hw)
+    masks = None if mask_value is None else {grid: torch.full((num_frames, tokens), mask_value)}
     plan.step = FusionStep(source={layer.name: source}, self_replace=True, masks=masks)
     frames = VideoFrames(num_frames, KeyFrames.parse("self,mid"), AttentionBackend())
-    fused = FusedSelfAttnProcessor(frames, plan, layer.name)(attn, hidden)
+    fused = FusedSelfAttnProcessor(frames, plan, layer)(attn, hidden)
     plain = SpatialTemporalAttnProcessor(frames)(attn, hidden)
     return attn, hidden, source, fused, plain
 

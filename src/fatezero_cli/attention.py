@@ -417,14 +417,12 @@ class FusionPlan:
     def source_hidden(self, name: str, like: torch.Tensor) -> torch.Tensor:
         return self.step.source[name].to(device=like.device, dtype=like.dtype)
 
-    def mask_for(self, tokens: int, like: torch.Tensor) -> torch.Tensor | None:
+    def mask_for(self, layer: AttentionLayer, like: torch.Tensor) -> torch.Tensor | None:
         """[F, 1, N, 1] mask selecting query rows, or None when no blend words were given."""
         if self.step.masks is None:
             return None
-        for mask in self.step.masks.values():
-            if mask.shape[1] == tokens:
-                return mask.to(device=like.device, dtype=like.dtype)[:, None, :, None]
-        raise FatezeroError(f"no blend mask for a layer of {tokens} tokens")
+        mask = self.step.masks[layer.grid(self.latent_hw)]
+        return mask.to(device=like.device, dtype=like.dtype)[:, None, :, None]
 
 
 class FusedSelfAttnProcessor(SpatialTemporalAttnProcessor):
@@ -434,10 +432,10 @@ class FusedSelfAttnProcessor(SpatialTemporalAttnProcessor):
     attention outputs and no map is ever materialised.
     """
 
-    def __init__(self, frames: VideoFrames, plan: FusionPlan, name: str) -> None:
+    def __init__(self, frames: VideoFrames, plan: FusionPlan, layer: AttentionLayer) -> None:
         super().__init__(frames)
         self.plan = plan
-        self.name = name
+        self.layer = layer
 
     def __call__(
         self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None, **_
@@ -447,9 +445,10 @@ class FusedSelfAttnProcessor(SpatialTemporalAttnProcessor):
         _check_plain_attention(attn)
         query, key, value = self.qkv(attn, hidden_states)
         num_frames = self.frames.num_frames
-        src_query, src_key, _ = self.qkv(attn, self.plan.source_hidden(self.name, hidden_states))
+        source = self.plan.source_hidden(self.layer.name, hidden_states)
+        src_query, src_key, _ = self.qkv(attn, source)
         cond_value = value[num_frames:]
-        mask = self.plan.mask_for(hidden_states.shape[1], hidden_states)
+        mask = self.plan.mask_for(self.layer, hidden_states)
         if mask is None:
             out = self.attend(
                 attn,
@@ -536,7 +535,7 @@ def fusion_processors(
     for layer in attention_layers(unet):
         key = f"{layer.name}.processor"
         if layer.name in plan.fused_layers and layer.kind == "self":
-            processors[key] = FusedSelfAttnProcessor(frames, plan, layer.name)
+            processors[key] = FusedSelfAttnProcessor(frames, plan, layer)
         elif layer.name in plan.fused_layers or (layer.feeds_mask and plan.accumulate_edit_maps):
             processors[key] = FusedCrossAttnProcessor(frames, plan, layer.name, layer)
     return processors
