@@ -18,6 +18,7 @@ SWAN_SRC = "a black swan with a red beak swimming in a river near a wall and bus
 SWAN_DUCK = "a white duck with a yellow beak swimming in a river near a wall and bushes"
 SWAN_FLAMINGO = "a pink flamingo with a red beak swimming in a river near a wall and bushes"
 SMALL = ["--size", "128", "--frames", "4", "--steps", "10"]
+TINY = ["--size", "64", "--frames", "2", "--steps", "2"]
 
 
 def fatezero(capsys, *args: str) -> tuple[int, str, str]:
@@ -29,6 +30,13 @@ def fatezero(capsys, *args: str) -> tuple[int, str, str]:
         code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def invert_swan(capsys, swan: Path, *options: str) -> Path:
+    """`fatezero invert` on the swan clip with the source prompt; returns the cache path."""
+    code, out, err = fatezero(capsys, "invert", str(swan), "--src", SWAN_SRC, "--quiet", *options)
+    assert code == 0, err
+    return Path(out.strip())
 
 
 def fatezero_process(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -293,21 +301,9 @@ def read_png(path: Path) -> np.ndarray:
 
 @pytest.fixture
 def swan_cache(capsys, swan, tiny_model_dir, tmp_path) -> Path:
-    code, out, err = fatezero(
-        capsys,
-        "invert",
-        str(swan),
-        "--src",
-        SWAN_SRC,
-        "--model",
-        str(tiny_model_dir),
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--quiet",
-        *SMALL,
+    return invert_swan(
+        capsys, swan, "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache"), *SMALL
     )
-    assert code == 0, err
-    return Path(out.strip())
 
 
 def one_clear_line(code: int, err: str, *fragments: str) -> None:
@@ -433,29 +429,19 @@ def test_single_file_checkpoint_with_local_config(capsys, swan, tiny_model_dir, 
     from fatezero_cli.testing import save_ldm_checkpoint
 
     checkpoint = save_ldm_checkpoint(tiny_model_dir, tmp_path / "tiny.safetensors")
-    code, out, err = fatezero(
+    cache = invert_swan(
         capsys,
-        "invert",
-        str(swan),
-        "--src",
-        SWAN_SRC,
+        swan,
         "--model",
         str(checkpoint),
         "--model-config",
         str(tiny_model_dir),
         "--cache-dir",
         str(tmp_path / "c"),
-        "--quiet",
-        "--size",
-        "64",
-        "--frames",
-        "2",
-        "--steps",
-        "2",
+        *TINY,
     )
-    assert code == 0, err
-    code, out, err = fatezero(
-        capsys, "edit", out.strip(), "--edit", SWAN_DUCK, "-o", str(tmp_path / "d.gif"), "--quiet"
+    code, _, err = fatezero(
+        capsys, "edit", str(cache), "--edit", SWAN_DUCK, "-o", str(tmp_path / "d.gif"), "--quiet"
     )
     assert code == 0, err
     assert (tmp_path / "d.gif").is_file()
@@ -468,29 +454,13 @@ def test_weights_replaced_behind_the_same_path_are_refused(capsys, swan, tmp_pat
     from fatezero_cli.testing import save_tiny_model
 
     model = save_tiny_model(tmp_path / "model", seed=0)
-    code, out, err = fatezero(
-        capsys,
-        "invert",
-        str(swan),
-        "--src",
-        SWAN_SRC,
-        "--model",
-        str(model),
-        "--cache-dir",
-        str(tmp_path / "c"),
-        "--quiet",
-        "--size",
-        "64",
-        "--frames",
-        "2",
-        "--steps",
-        "2",
+    cache = invert_swan(
+        capsys, swan, "--model", str(model), "--cache-dir", str(tmp_path / "c"), *TINY
     )
-    assert code == 0, err
     shutil.rmtree(model)
     save_tiny_model(model, seed=1)
     capsys.readouterr()
-    code, _, err = fatezero(capsys, "edit", out.strip(), "--edit", SWAN_DUCK, "--quiet")
+    code, _, err = fatezero(capsys, "edit", str(cache), "--edit", SWAN_DUCK, "--quiet")
     one_clear_line(code, err, "inverted with model")
 
 
