@@ -486,3 +486,31 @@ def test_run_reports_a_bad_edit_before_inverting(capsys, swan, tiny_model_dir, t
     from fatezero_cli.cache import list_cache_dirs
 
     assert list_cache_dirs(tmp_path / "c") == []  # nothing was inverted
+
+
+def test_ctrl_c_during_inversion_exits_130_and_keeps_no_cache(
+    capsys, swan, tiny_model_dir, tmp_path, monkeypatch
+):
+    from fatezero_cli import inversion
+    from fatezero_cli.cache import list_cache_dirs
+
+    def interrupted_step(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inversion, "step_file", interrupted_step)
+    code, out, err = fatezero(
+        capsys,
+        "invert",
+        str(swan),
+        "--src",
+        SWAN_SRC,
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(tmp_path),
+        "--quiet",
+        *TINY,
+    )
+    assert code == 130 and out == ""
+    assert err.strip() == "fatezero: error: interrupted; no partial output or cache was kept"
+    assert list_cache_dirs(tmp_path) == []

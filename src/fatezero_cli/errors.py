@@ -11,6 +11,12 @@ class FatezeroError(Exception):
     exit_code = 2
 
 
+class Interrupted(FatezeroError):
+    """Ctrl-C: every file is written atomically, so nothing half-written is left behind."""
+
+    exit_code = 130
+
+
 class NotBuiltYet(FatezeroError):
     """A command whose engine is not available in this version."""
 

@@ -7,6 +7,7 @@ on stderr with its exit code; a traceback means a bug.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import sys
 
@@ -14,7 +15,7 @@ import typer
 
 from fatezero_cli import __version__
 from fatezero_cli.cli import cache, edit, invert, run, tune
-from fatezero_cli.errors import FatezeroError
+from fatezero_cli.errors import FatezeroError, Interrupted
 
 # The libraries' own warnings and progress bars would bury ours; set before they are imported.
 for variable, value in {
@@ -25,7 +26,6 @@ for variable, value in {
 }.items():
     os.environ.setdefault(variable, value)
 
-EXIT_INTERRUPTED = 130
 EXIT_FAILURE = 1
 
 app = typer.Typer(
@@ -37,10 +37,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-app.command("invert", epilog=invert.EXAMPLE)(invert.invert_command)
-app.command("edit", epilog=edit.EXAMPLE)(edit.edit_command)
-app.command("run", epilog=run.EXAMPLE)(run.run_command)
-app.command("tune", epilog=tune.EXAMPLE)(tune.tune_command)
+
+
+def interruptible(command):
+    """Ctrl-C becomes our one-line error and exit 130, not click's "Aborted!" and 1."""
+
+    @functools.wraps(command)
+    def run_command(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted; no partial output or cache was kept") from None
+
+    return run_command
+
+
+app.command("invert", epilog=invert.EXAMPLE)(interruptible(invert.invert_command))
+app.command("edit", epilog=edit.EXAMPLE)(interruptible(edit.edit_command))
+app.command("run", epilog=run.EXAMPLE)(interruptible(run.run_command))
+app.command("tune", epilog=tune.EXAMPLE)(interruptible(tune.tune_command))
 app.add_typer(cache.app, name="cache")
 
 
@@ -70,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     except FatezeroError as error:
         fail(str(error), error.exit_code)
     except KeyboardInterrupt:
-        fail("interrupted", EXIT_INTERRUPTED)
+        fail("interrupted", Interrupted.exit_code)
     except OSError as error:
         if error.errno == errno.ENOSPC:
             fail(f"disk full: {error.filename or ''} (free space and run again)", EXIT_FAILURE)
