@@ -44,6 +44,10 @@ DEFAULT_PROMPT = "a black swan swimming in a river"
 RESULT_MARKER = "BENCH_RESULT "
 RSS_TOLERANCE = 0.10
 MIB = 1024 * 1024
+# glibc raises its mmap threshold each time a large block is freed, so which buffers land in
+# the heap (and stay resident) depends on allocation order: identical processes peak 530 to
+# 620 MB. A fixed threshold makes the peak reproducible to ~1 MB (and page faults cost time).
+STEADY_MMAP_THRESHOLD = 128 * 1024
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -65,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", help="fp32, fp16, bf16 (default: as load_model picks)")
     parser.add_argument("--repeats", type=int, default=3, help="timings are the min over these")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the children")
+    parser.add_argument(
+        "--steady-malloc",
+        action="store_true",
+        help=f"children run with MALLOC_MMAP_THRESHOLD_={STEADY_MMAP_THRESHOLD} (glibc): "
+        "reproducible peak RSS, slower timings",
+    )
     parser.add_argument("--tmp-dir", type=Path, help="where the caches go (fsync cost varies)")
     parser.add_argument("--json", type=Path, help="also write every child's raw result here")
     parser.add_argument("--strict", action="store_true", help="exit 1 when the RSS check fails")
@@ -329,6 +339,8 @@ def child_environment(args: argparse.Namespace) -> dict[str, str]:
     environment = dict(os.environ)
     if args.threads:
         environment["OMP_NUM_THREADS"] = str(args.threads)
+    if args.steady_malloc:
+        environment["MALLOC_MMAP_THRESHOLD_"] = str(STEADY_MMAP_THRESHOLD)
     return environment
 
 
@@ -365,6 +377,8 @@ def print_header(args: argparse.Namespace, model_label: str, first: dict) -> Non
     )
     print(f"torch:   {torch.__version__}; timings: min of {args.repeats} repeats, alternated")
     print(f"load:    {first['load_average']} (1/5/15 min, when the child started)")
+    threshold = child_environment(args).get("MALLOC_MMAP_THRESHOLD_", "(unset: glibc dynamic)")
+    print(f"malloc:  MALLOC_MMAP_THRESHOLD_={threshold}")
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
