@@ -93,6 +93,8 @@ class CacheWriter:
         self.key = key
         self.path = root / key
         self.files: dict[str, dict] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fatezero-writer")
+        self.pending: Future | None = None
 
     def start_clean(self) -> None:
         """An interrupted earlier run leaves files without a manifest: start over."""
@@ -105,7 +107,21 @@ class CacheWriter:
         _atomic_write(self.path / name, data)
         self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
+    def write_behind(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write on a thread while the next step computes; at most one file is in flight,
+        so memory stays bounded whatever the number of steps."""
+        self.flush()
+        self.pending = self.pool.submit(self.write, name, tensors)
+
+    def flush(self) -> None:
+        """Wait for the file in flight; its error, if any, surfaces here."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
     def finish(self, manifest: dict) -> dict:
+        self.flush()
+        self.pool.shutdown()
         manifest = {
             "format": CACHE_FORMAT,
             "tool": f"fatezero-cli {__version__}",
@@ -119,6 +135,9 @@ class CacheWriter:
         return manifest
 
     def abandon(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+        self.pool.shutdown(wait=True)
         shutil.rmtree(self.path, ignore_errors=True)
 
 

@@ -194,7 +194,7 @@ def run_inversion(
         recorder.start(timestep in capture_at)
         noise = bundle.unet(latent, timestep, encoder_hidden_states=conditioning).sample
         latent = scheduler.step(noise, timestep, latent).prev_sample
-        writer.write(step_file(timestep), {"latent": latent, **recorder.tensors})
+        writer.write_behind(step_file(timestep), {"latent": latent, **recorder.tensors})
         recorder.start(False)
         if on_step:
             on_step(index + 1, len(timesteps))
