@@ -87,6 +87,8 @@ class EditSettings:
         check_fraction(self.tau, "--tau")
         for word, value in self.cross_replace_words.items():
             check_fraction(value, f"--cross-replace-word {word}")
+        if self.latent_blend and not self.blend_words:
+            raise FatezeroError("--latent-blend needs --blend WORDS (the mask it blends with)")
 
     def needed_capture(self) -> float:
         """The largest window this edit reads from the cache."""

@@ -150,8 +150,6 @@ def edit(
     )
     reweight = reweight_vector(tokenizer, settings.prompt, settings.reweight)
     blend = blend_positions(tokenizer, source_prompt, list(settings.blend_words))
-    if settings.latent_blend and not settings.blend_words:
-        raise FatezeroError("--latent-blend needs --blend WORDS (the mask it blends with)")
     schedule = EditSchedule.build(settings, steps, token_windows)
     layers = attention_layers(bundle.unet)
     fused = {layer.name for layer in layers if settings.fuse_all_layers or layer.fused_by_default}

@@ -306,7 +306,7 @@ def write_video(frames: np.ndarray, path: Path, fps: float, overwrite: bool = Fa
         raise FatezeroError(f"fps must be a positive number, got {fps}")
     if kind == "frames" and path.is_file():
         raise FatezeroError(f"{path}: is a file, so a folder of frames cannot be written there")
-    _refuse_to_clobber(path, overwrite)
+    refuse_to_clobber(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     if kind == "frames":
         _write_frame_folder(frames, path)
@@ -321,7 +321,8 @@ def _check_frames(frames: np.ndarray) -> None:
         raise ValueError(f"expected uint8 frames [F, H, W, 3], got {frames.dtype} {frames.shape}")
 
 
-def _refuse_to_clobber(path: Path, overwrite: bool) -> None:
+def refuse_to_clobber(path: Path, overwrite: bool) -> None:
+    """Outputs never overwrite silently; also called before an edit starts, to fail early."""
     occupied = any(path.iterdir()) if path.is_dir() else path.exists()
     if occupied and not overwrite:
         raise FatezeroError(f"{path}: already exists; pass --overwrite or choose another -o")

@@ -105,10 +105,11 @@ def output_paths(
     output: Path | None, video_name: str, prompts: list[str], overwrite: bool
 ) -> list[Path]:
     """Where each edit goes; never an existing file unless --overwrite (then only if named)."""
-    from fatezero_cli.video import output_kind, unique_path
+    from fatezero_cli.video import output_kind, refuse_to_clobber, unique_path
 
     if output is not None and len(prompts) == 1:
         output_kind(output)
+        refuse_to_clobber(output, overwrite)
         return [output]
     folder = output if output is not None else Path("outputs")
     if folder.exists() and not folder.is_dir():
