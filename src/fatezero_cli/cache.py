@@ -35,6 +35,7 @@ from safetensors.torch import save as save_safetensors
 
 from fatezero_cli import __version__
 from fatezero_cli.errors import FatezeroError
+from fatezero_cli.files import sha256_file, write_bytes_atomically
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -59,19 +60,6 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 def step_file(timestep: int) -> str:
     return f"steps/t{timestep:04d}.safetensors"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -104,7 +92,7 @@ class CacheWriter:
 
     def write(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         data = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-        _atomic_write(self.path / name, data)
+        write_bytes_atomically(self.path / name, data)
         self.files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def write_behind(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -131,7 +119,7 @@ class CacheWriter:
             "files": self.files,
             "bytes": sum(entry["bytes"] for entry in self.files.values()),
         }
-        _atomic_write(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
+        write_bytes_atomically(self.path / MANIFEST, json.dumps(manifest, indent=1).encode())
         return manifest
 
     def abandon(self) -> None:
@@ -218,11 +206,7 @@ class Cache:
             if not file.is_file():
                 problems.append(f"{name}: missing")
                 continue
-            digest = hashlib.sha256()
-            with open(file, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            if digest.hexdigest() != entry["sha256"]:
+            if sha256_file(file) != entry["sha256"]:
                 problems.append(f"{name}: checksum mismatch")
         return problems
 

@@ -13,7 +13,6 @@ disk by (path, size, mtime_ns).
 
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from fatezero_cli.errors import FatezeroError
+from fatezero_cli.files import sha256_file, write_bytes_atomically
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-v1-4"
 
@@ -36,7 +36,6 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 CONFIG_SUFFIXES = (".json", ".txt")
 HASH_MEMO_FILE = "file-hashes.json"
-HASH_CHUNK_BYTES = 16 * 1024 * 1024
 
 SD1_SCHEDULER_DEFAULTS = {
     "num_train_timesteps": 1000,
@@ -439,14 +438,6 @@ def _config_files(folder: Path) -> list[Path]:
     return files
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class _FileHasher:
     """sha256 of files, memoised in `cache_root` by (real path, size, mtime_ns).
 
@@ -475,7 +466,7 @@ class _FileHasher:
         entry = self.memo.get(str(real))
         if isinstance(entry, dict) and entry.get("stamp") == stamp:
             return entry["sha256"]
-        digest = _sha256_of(real)
+        digest = sha256_file(real)
         self.memo[str(real)] = {"stamp": stamp, "sha256": digest}
         self.changed = True
         return digest
@@ -490,7 +481,5 @@ class _FileHasher:
     def save(self) -> None:
         if self.memo_path is None or not self.changed:
             return
-        self.memo_path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.memo_path.with_name(f".{HASH_MEMO_FILE}.{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(self.memo, indent=0, sort_keys=True))
-        os.replace(temporary, self.memo_path)
+        memo = json.dumps(self.memo, indent=0, sort_keys=True).encode()
+        write_bytes_atomically(self.memo_path, memo)

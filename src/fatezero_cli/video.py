@@ -25,6 +25,7 @@ import torch
 from PIL import ExifTags, Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 from fatezero_cli.errors import FatezeroError
+from fatezero_cli.files import private_dir_as_ordinary, replace_atomically
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 VIDEO_KINDS = {".mp4": "mp4", ".mov": "mov", ".webm": "webm", ".gif": "gif"}
@@ -311,7 +312,7 @@ def write_video(frames: np.ndarray, path: Path, fps: float, overwrite: bool = Fa
     if kind == "frames":
         _write_frame_folder(frames, path)
     else:
-        _write_atomically(path, partial(_WRITERS[kind], frames, fps=fps))
+        replace_atomically(path, partial(_WRITERS[kind], frames, fps=fps))
     return path
 
 
@@ -328,27 +329,6 @@ def refuse_to_clobber(path: Path, overwrite: bool) -> None:
         raise FatezeroError(f"{path}: already exists; pass --overwrite or choose another -o")
 
 
-def _with_umask(mode: int) -> int:
-    """The permissions an ordinary file or folder gets (temp files are private by default)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    descriptor, temp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}"
-    )
-    os.close(descriptor)
-    temp = Path(temp_name)
-    try:
-        write(temp)
-        temp.chmod(_with_umask(0o666))
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def _write_frame_folder(frames: np.ndarray, path: Path) -> None:
     """PNG frames written beside the target, then moved in, so readers never see a partial set.
 
@@ -356,7 +336,7 @@ def _write_frame_folder(frames: np.ndarray, path: Path) -> None:
     that folder are none of our business.
     """
     temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp"))
-    temp.chmod(_with_umask(0o777))
+    private_dir_as_ordinary(temp)
     try:
         for index, frame in enumerate(frames):
             Image.fromarray(frame).save(temp / f"{index:05d}.png")
