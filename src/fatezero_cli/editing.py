@@ -30,6 +30,7 @@ from fatezero_cli.models import ModelBundle
 from fatezero_cli.prompts import (
     blend_positions,
     encode_prompts,
+    prompt_token_ids,
     reweight_vector,
     token_mapping,
     word_positions,
@@ -130,6 +131,16 @@ class SourceSteps:
         self.prefetcher.close()
 
 
+def check_edit_prompt(tokenizer, source_prompt: str, settings: EditSettings) -> None:
+    """Fails on a prompt over 77 tokens or a word that is not where the options say."""
+    prompt_token_ids(tokenizer, settings.prompt)
+    blend_positions(tokenizer, source_prompt, list(settings.blend_words))
+    reweight_vector(tokenizer, settings.prompt, settings.reweight)
+    word_window_vector(
+        tokenizer, settings.prompt, settings.cross_replace, settings.cross_replace_words
+    )
+
+
 @torch.no_grad()
 def edit(
     bundle: ModelBundle,
@@ -144,6 +155,7 @@ def edit(
     source_prompt = inputs["source_prompt"]
     steps = inputs["steps"]
     tokenizer = bundle.tokenizer
+    check_edit_prompt(tokenizer, source_prompt, settings)
     mapping = token_mapping(tokenizer, source_prompt, settings.prompt)
     token_windows = word_window_vector(
         tokenizer, settings.prompt, settings.cross_replace, settings.cross_replace_words

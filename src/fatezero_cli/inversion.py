@@ -22,6 +22,7 @@ from fatezero_cli.attention import (
     capture_processors,
 )
 from fatezero_cli.cache import (
+    MANIFEST,
     Cache,
     CacheWriter,
     cache_lock,
@@ -151,7 +152,7 @@ def invert(
 
 def find_complete_cache(path: Path) -> Cache | None:
     """A complete cache at `path`, or None when there is none or only an interrupted one."""
-    if not (path / "manifest.json").is_file():
+    if not (path / MANIFEST).is_file():
         return None
     return Cache.open(path)
 

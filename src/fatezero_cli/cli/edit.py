@@ -79,21 +79,11 @@ class OutputOptions:
 
 
 def check_prompts(bundle, source_prompt: str, all_settings) -> None:
-    """Every word and length problem is reported before the first edit starts."""
-    from fatezero_cli.prompts import (
-        blend_positions,
-        prompt_token_ids,
-        reweight_vector,
-        word_window_vector,
-    )
+    """Every word and length problem of every edit, before the first one starts."""
+    from fatezero_cli.editing import check_edit_prompt
 
     for settings in all_settings:
-        prompt_token_ids(bundle.tokenizer, settings.prompt)
-        blend_positions(bundle.tokenizer, source_prompt, list(settings.blend_words))
-        reweight_vector(bundle.tokenizer, settings.prompt, settings.reweight)
-        word_window_vector(
-            bundle.tokenizer, settings.prompt, settings.cross_replace, settings.cross_replace_words
-        )
+        check_edit_prompt(bundle.tokenizer, source_prompt, settings)
 
 
 def edit_cache(
